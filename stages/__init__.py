@@ -1,0 +1,1 @@
+"""Pipeline stages of the clothing classifier: prepare, train, evaluate, serve."""

@@ -66,11 +66,9 @@ def decode(data: bytes, limits: Limits | None = None) -> Decoded:
         raise ImageRejected("too_large", str(err)) from None
     source_format = image.format
     conversions: list[str] = []
+    if _orientation(image) not in (None, 1):
+        conversions.append("exif_rotated")
     upright = ImageOps.exif_transpose(image)
-    if upright is not image and upright.size != image.size:
-        conversions.append("exif_rotated")
-    elif _orientation(image) not in (None, 1):
-        conversions.append("exif_rotated")
     rgb = _to_rgb(upright, conversions)
     return Decoded(np.asarray(rgb, dtype=np.uint8), source_format, conversions)
 

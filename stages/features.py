@@ -1,0 +1,231 @@
+"""A cache of the frozen base's pooled features, one entry per image and view.
+
+The base never changes during training, so an image's features (for a given
+size, weights and augmentation draw) are computed once and reused. Entries
+are keyed by everything that decides their values, so a stale entry can
+never be served:
+
+- the namespace folder: backbone, the sha256 of its weight values, image
+  size, extraction precision and the version of the decoding code;
+- the entry key inside it: the image's content hash and the view name
+  (`clean`, or `aug<k>-<digest of the augmentation settings and seed>`).
+
+Entries are written in shards, each atomically (write, then rename), so a
+killed extraction keeps every finished shard and resumes after it; a shard
+that fails to load or check is reported, moved aside and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from stages.augment import CLEAN_VIEW, Augmentation, augment_batch, rng_for
+from stages.config import ROOT, PipelineError, atomic_path, write_json
+from stages.images import ImageRejected, load_for_model
+from stages.model import FEATURE_SIZE, Backbone
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1  # bump when decoding, resizing or augmenting changes
+SHARD_SIZE = 512
+BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image view to extract: where the image is and which view."""
+
+    path: str  # relative to the project root
+    sha256: str
+    view: str
+    view_index: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.sha256}:{self.view}"
+
+
+class FeatureCache:
+    """Feature shards of one namespace (backbone, weights, size, precision)."""
+
+    def __init__(self, root: Path, backbone: Backbone, size: int, precision: str):
+        self.namespace = {
+            "backbone": "xception",
+            "weights": backbone.weights,
+            "weights_sha256": backbone.weights_sha256,
+            "image_size": size,
+            "precision": precision,
+            "pipeline_version": PIPELINE_VERSION,
+        }
+        identity = {k: v for k, v in self.namespace.items() if k != "weights"}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+        self.folder = Path(root) / f"{size}px-{digest.hexdigest()[:16]}"
+        self.entries: dict[str, np.ndarray] = {}
+
+    def open(self) -> FeatureCache:
+        """Create the folder if needed and load every intact shard."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PipelineError(f"cannot create cache {self.folder}: {err}") from err
+        if not (self.folder / "namespace.json").exists():
+            write_json(self.folder / "namespace.json", self.namespace)
+        for shard in sorted(self.folder.glob("shard-*.npz")):
+            self._load_shard(shard)
+        log.info("feature cache %s: %d entries", self.folder, len(self.entries))
+        return self
+
+    def _load_shard(self, shard: Path) -> None:
+        try:
+            with np.load(shard, allow_pickle=False) as data:
+                keys, features = data["keys"], data["features"]
+                if features.shape != (len(keys), FEATURE_SIZE):
+                    raise ValueError(f"features of shape {features.shape}")
+                if data["digest"].item() != _digest(keys, features):
+                    raise ValueError("content digest does not match")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+            aside = shard.with_suffix(".corrupt")
+            log.warning(
+                "cache shard %s is unusable (%s); moved to %s", shard, err, aside.name
+            )
+            shard.rename(aside)
+            return
+        self.entries.update(zip(keys.tolist(), features, strict=True))
+
+    def add(self, keys: list[str], features: np.ndarray) -> None:
+        """Store a shard atomically and keep its entries in memory."""
+        key_array = np.array(keys)
+        shard = self.folder / f"shard-{uuid.uuid4().hex}.npz"
+        with atomic_path(shard) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                keys=key_array,
+                features=features,
+                digest=np.array(_digest(key_array, features)),
+            )
+        self.entries.update(zip(keys, features, strict=True))
+
+    def get(self, items: list[Item]) -> np.ndarray:
+        """Features of `items`, in order, as an (n, 2048) array."""
+        return np.stack([self.entries[item.key] for item in items])
+
+    def missing(self, items: list[Item]) -> list[Item]:
+        return [item for item in items if item.key not in self.entries]
+
+
+def _digest(keys: np.ndarray, features: np.ndarray) -> str:
+    digest = hashlib.sha256("\n".join(keys.tolist()).encode())
+    digest.update(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def items_for(manifest, split: str, aug: Augmentation) -> list[Item]:
+    """Every view of every image of a split, in manifest order."""
+    rows = manifest[manifest["split"] == split]
+    return [
+        Item(row.path, row.sha256, view, index)
+        for row in rows.itertuples()
+        for index, view in enumerate(aug.view_names(split))
+    ]
+
+
+def extraction_model(backbone: Backbone, precision: str):
+    """A compiled call of the base in float32 or in bfloat16 mixed precision."""
+    model = backbone.model
+    if precision == "bfloat16":
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_bfloat16")
+        try:
+            model = keras.models.clone_model(backbone.model)
+        finally:
+            keras.config.set_dtype_policy(previous)
+        model.set_weights(backbone.model.get_weights())
+    elif precision != "float32":
+        raise PipelineError(
+            f"train.extract_precision: {precision!r} is not float32 or bfloat16"
+        )
+    call = tf.function(
+        lambda images: tf.cast(model(images, training=False), tf.float32),
+        reduce_retracing=True,
+    )
+    return call
+
+
+def _load_batch(items: list[Item], size: int, aug: Augmentation) -> np.ndarray:
+    images = np.stack([_read(item, size) for item in items])
+    augmented = [i for i, item in enumerate(items) if item.view != CLEAN_VIEW]
+    if augmented:
+        rngs = [rng_for(aug, items[i].sha256, items[i].view_index) for i in augmented]
+        images[augmented] = augment_batch(images[augmented], aug, rngs)
+    return images
+
+
+def _read(item: Item, size: int) -> np.ndarray:
+    path = ROOT / item.path
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise PipelineError(f"{item.path}: cannot read ({err.strerror})") from err
+    if hashlib.sha256(data).hexdigest() != item.sha256:
+        raise PipelineError(f"{item.path}: changed since prepare; run dvc repro")
+    try:
+        return load_for_model(data, size)
+    except ImageRejected as err:
+        raise PipelineError(f"{item.path}: {err}") from err
+
+
+def _batches(items: list[Item], size: int, aug: Augmentation) -> Iterator:
+    """Decoded batches, the next one read in a thread while the base runs."""
+    chunks = [items[i : i + BATCH_SIZE] for i in range(0, len(items), BATCH_SIZE)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_batch, chunks[0], size, aug) if chunks else None
+        for index, chunk in enumerate(chunks):
+            images = pending.result()
+            if index + 1 < len(chunks):
+                pending = pool.submit(_load_batch, chunks[index + 1], size, aug)
+            yield chunk, images
+
+
+def extract(
+    cache: FeatureCache, call, items: list[Item], aug: Augmentation, label: str
+) -> float:
+    """Compute and store the features of every item not cached; return images/s."""
+    todo = cache.missing(items)
+    log.info(
+        "%s: %d of %d views cached, %d to extract",
+        label,
+        len(items) - len(todo),
+        len(items),
+        len(todo),
+    )
+    if not todo:
+        return 0.0
+    size = cache.namespace["image_size"]
+    keys: list[str] = []
+    rows: list[np.ndarray] = []
+    start = time.perf_counter()
+    with tqdm(total=len(todo), desc=f"extract {label}", unit="img") as bar:
+        for chunk, images in _batches(todo, size, aug):
+            rows.append(call(images).numpy())
+            keys.extend(item.key for item in chunk)
+            bar.update(len(chunk))
+            if len(keys) >= SHARD_SIZE:
+                cache.add(keys, np.concatenate(rows))
+                keys, rows = [], []
+    if keys:
+        cache.add(keys, np.concatenate(rows))
+    return len(todo) / (time.perf_counter() - start)

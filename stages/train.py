@@ -1,0 +1,263 @@
+"""Train the recipe's head on a frozen Xception base at one image size.
+
+`python -m stages.train train-150` and `... train-299` run the same code with
+the size section of params.yaml. Two modes: `cached` trains the head on the
+base's pooled features from the feature cache (one augmented view per image
+drawn each epoch); `reference` pushes every image through the base every
+epoch, as the recipe is written. Both keep the epoch with the best validation
+accuracy as the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+
+from stages import datasets, tracking
+from stages.augment import Augmentation
+from stages.config import (
+    FINAL_STAGE,
+    METRICS_DIR,
+    OUTPUTS_DIR,
+    PipelineError,
+    atomic_path,
+    home_root,
+    load_params,
+    write_csv,
+    write_json,
+)
+from stages.features import FeatureCache, extract, extraction_model, items_for
+from stages.model import (
+    Backbone,
+    assemble,
+    build_backbone,
+    build_head,
+    compile_for_training,
+)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CURVES = ("accuracy", "val_accuracy", "loss", "val_loss")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a training stage reads from params.yaml."""
+
+    stage: str
+    image_size: int
+    epochs: int
+    mode: str
+    learning_rate: float
+    inner_size: int
+    dropout: float
+    batch_size: int
+    precision: str
+    augmentation: Augmentation
+    weights: str
+    seed: int
+    classes: tuple[str, ...]
+
+    @classmethod
+    def from_params(cls, stage: str, params: dict) -> Settings:
+        base, train = params["base"], params["train"]
+        sized = params[stage.replace("-", "_")]
+        if train["mode"] not in ("cached", "reference"):
+            raise PipelineError(
+                f"train.mode: {train['mode']!r} is not cached or reference"
+            )
+        return cls(
+            stage=stage,
+            image_size=int(sized["image_size"]),
+            epochs=int(sized["epochs"]),
+            mode=train["mode"],
+            learning_rate=float(train["learning_rate"]),
+            inner_size=int(train["inner_size"]),
+            dropout=float(train["dropout"]),
+            batch_size=int(train["batch_size"]),
+            precision=train["extract_precision"],
+            augmentation=Augmentation.from_params(train["augment"], base["seed"]),
+            weights=str(base["weights"]),
+            seed=int(base["seed"]),
+            classes=tuple(base["classes"]),
+        )
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Log each epoch's curves to MLflow and keep the head's best weights."""
+
+    def __init__(self, head: keras.Model):
+        super().__init__()
+        self.head = head
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] | None = None
+        self.best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in CURVES}}
+        self.history.append(row)
+        mlflow.log_metrics({k: row[k] for k in CURVES}, step=epoch + 1)
+        if self.best is None or row["val_accuracy"] > self.best["val_accuracy"]:
+            self.best = row
+            self.best_weights = [w.copy() for w in self.head.get_weights()]
+
+
+def fit_cached(s: Settings, backbone: Backbone, head, manifest) -> tuple:
+    """Train the head on cached features; return (callback, timings)."""
+    cache = FeatureCache(
+        home_root() / "cache" / "features", backbone, s.image_size, s.precision
+    ).open()
+    call = extraction_model(backbone, s.precision)
+    start = time.perf_counter()
+    splits = {
+        split: items_for(manifest, split, s.augmentation)
+        for split in ("train", "validation")
+    }
+    rates = {
+        split: extract(cache, call, items, s.augmentation, split)
+        for split, items in splits.items()
+    }
+    extract_s = time.perf_counter() - start
+    train_x = datasets.view_stack(
+        cache.get(splits["train"]), len(s.augmentation.view_names("train"))
+    )
+    train = datasets.ViewSampler(
+        train_x, datasets.labels(manifest, "train", s.classes), s.batch_size, s.seed
+    )
+    valid = (
+        cache.get(splits["validation"]),
+        datasets.labels(manifest, "validation", s.classes),
+    )
+    tracker = BestEpoch(head)
+    compile_for_training(head, s.learning_rate)
+    head.fit(
+        train, validation_data=valid, epochs=s.epochs, callbacks=[tracker], verbose=2
+    )
+    timings = {
+        "extract_seconds": extract_s,
+        "fit_seconds": time.perf_counter() - start - extract_s,
+        **{f"extract_images_per_s_{k}": v for k, v in rates.items() if v},
+    }
+    return tracker, timings
+
+
+def fit_reference(s: Settings, backbone: Backbone, head, manifest) -> tuple:
+    """Train base + head on images, the base recomputed every epoch."""
+    model = assemble(backbone.model, head)
+    compile_for_training(model, s.learning_rate)
+    train = datasets.ImageBatches(manifest, "train", s, augment=True)
+    valid = datasets.ImageBatches(manifest, "validation", s, augment=False)
+    tracker = BestEpoch(head)
+    start = time.perf_counter()
+    model.fit(
+        train, validation_data=valid, epochs=s.epochs, callbacks=[tracker], verbose=2
+    )
+    return tracker, {"extract_seconds": 0.0, "fit_seconds": time.perf_counter() - start}
+
+
+def save_curves(history: list[dict], out_dir: Path, title: str) -> Path:
+    """Write history.csv and the accuracy-curve figure; return the figure."""
+    frame = pd.DataFrame(history)
+    write_csv(out_dir / "history.csv", frame)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(frame["epoch"], frame["accuracy"], label="train")
+    ax.plot(frame["epoch"], frame["val_accuracy"], label="validation")
+    ax.set(xlabel="epoch", ylabel="accuracy", title=title)
+    ax.legend()
+    figure = out_dir / "accuracy.png"
+    with atomic_path(figure) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return figure
+
+
+def train(
+    s: Settings, manifest: pd.DataFrame, out_dir: Path, metrics_path: Path
+) -> dict:
+    """Train at one size; write the best checkpoint, curves and metrics."""
+    calibration = None
+    if s.weights in ("none", "random"):
+        calibration = datasets.calibration_images(manifest, s.image_size)
+    backbone = build_backbone(s.image_size, s.weights, s.seed, calibration)
+    mlflow.set_tags(
+        {
+            "weights": s.weights,
+            "weights_sha256": backbone.weights_sha256,
+            "mode": s.mode,
+            "image_size": str(s.image_size),
+        }
+    )
+    tracking.log_dataset(manifest, context="training")
+    keras.utils.set_random_seed(s.seed)
+    head = build_head(len(s.classes), s.inner_size, s.dropout)
+    fit = fit_cached if s.mode == "cached" else fit_reference
+    tracker, timings = fit(s, backbone, head, manifest)
+    head.set_weights(tracker.best_weights)
+    checkpoint = out_dir / "model.keras"
+    with atomic_path(checkpoint) as tmp:
+        assemble(backbone.model, head).save(tmp)
+    figure = save_curves(tracker.history, out_dir, f"{s.stage} ({s.mode})")
+    best = tracker.best
+    metrics = {
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
+        "best_val_loss": best["val_loss"],
+        "best_train_accuracy": best["accuracy"],
+        "epochs": len(tracker.history),
+    }
+    write_json(metrics_path, metrics)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mlflow.log_metrics({**metrics, **timings, "peak_rss_mb": peak_mb})
+    mlflow.log_artifact(str(checkpoint), "checkpoint")
+    mlflow.log_artifact(str(figure))
+    mlflow.log_artifact(str(out_dir / "history.csv"))
+    log.info("best epoch %d: val_accuracy %.4f", best["epoch"], best["val_accuracy"])
+    return {**metrics, **timings, "peak_rss_mb": peak_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["train-150", "train-299"])
+    stage = parser.parse_args().stage
+    params = load_params()
+    settings = Settings.from_params(stage, params)
+    manifest = datasets.read_manifest()
+    section = stage.replace("-", "_")
+    logged = {k: params[k] for k in ("base", "train", section)}
+    with tracking.stage_run(stage, logged) as run:
+        train(settings, manifest, OUTPUTS_DIR / stage, METRICS_DIR / f"{stage}.json")
+        if stage == FINAL_STAGE:
+            publish(settings, manifest, run.info.run_id)
+
+
+def publish(s: Settings, manifest: pd.DataFrame, run_id: str) -> None:
+    """Log the final model for serving and write its run id for users."""
+    from stages.config import ROOT
+    from stages.serving import log_served_model
+
+    example = ROOT / manifest[manifest["split"] == "test"].iloc[0]["path"]
+    log_served_model(
+        OUTPUTS_DIR / s.stage / "model.keras", list(s.classes), s.image_size, example
+    )
+    with atomic_path(OUTPUTS_DIR / s.stage / "run_id") as tmp:
+        tmp.write_text(run_id + "\n")
+    log.info(
+        "serve it: mlflow models serve -m runs:/%s/model --env-manager local", run_id
+    )
+
+
+if __name__ == "__main__":
+    tracking.run_stage(main)

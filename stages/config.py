@@ -20,6 +20,8 @@ OUTPUTS_DIR = ROOT / "outputs"
 METRICS_DIR = ROOT / "metrics"
 SPLITS = ("train", "validation", "test")
 FINAL_STAGE = "train-299"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class PipelineError(Exception):
@@ -71,6 +73,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except OSError as err:
         raise PipelineError(f"cannot write {path}: {err.strerror}") from err
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 CLEAN_VIEW = "clean"
+IDENTITY = np.array([1, 0, 0, 0, 1, 0, 0, 0], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ def rng_for(aug: Augmentation, sha256: str, draw: int) -> np.random.Generator:
     return np.random.default_rng([aug.seed, int(sha256[:16], 16), draw])
 
 
-def _transform(aug: Augmentation, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One output-to-input projective transform in the layout TF expects."""
+def transform_for(aug: Augmentation, sha256: str, draw: int, size: int) -> np.ndarray:
+    """The output-to-input transform of one draw, in the layout TF expects:
+    shear, then zoom per axis, then maybe a vertical flip, about the centre."""
+    rng = rng_for(aug, sha256, draw)
     shear = np.deg2rad(rng.uniform(-aug.shear, aug.shear))
     zoom_x, zoom_y = rng.uniform(1 - aug.zoom, 1 + aug.zoom, size=2)
     matrix = np.array([[1.0, -np.sin(shear)], [0.0, np.cos(shear)]]) @ np.diag(
@@ -74,18 +77,14 @@ def _transform(aug: Augmentation, rng: np.random.Generator, size: int) -> np.nda
     )
 
 
-def augment_batch(
-    images: np.ndarray, aug: Augmentation, rngs: list[np.random.Generator]
-) -> np.ndarray:
-    """Shear, zoom and maybe flip each image (B, S, S, 3) with its own generator."""
-    size = images.shape[1]
-    transforms = np.stack([_transform(aug, rng, size) for rng in rngs])
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.convert_to_tensor(images, tf.float32),
-        transforms=transforms,
-        output_shape=[size, size],
+def apply_transforms(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+    """Warp a batch (B, S, S, 3) by one transform each; edges repeat outward."""
+    size = tf.shape(images)[1:3]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(images, tf.float32),
+        transforms=tf.cast(transforms, tf.float32),
+        output_shape=size,
         fill_value=0.0,
         interpolation="BILINEAR",
         fill_mode="NEAREST",
     )
-    return out.numpy()

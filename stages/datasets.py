@@ -1,22 +1,24 @@
-"""Batches for training: cached features with a fresh view each epoch, or
-images decoded, augmented and resized on the fly for the reference mode."""
+"""tf.data input pipelines: images decoded, resized and augmented on the fly,
+and cached features with a fresh view drawn for each image every epoch."""
 
 from __future__ import annotations
 
-import math
+import hashlib
+import re
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
-from stages.augment import augment_batch, rng_for
+from stages.augment import IDENTITY, Augmentation, apply_transforms, transform_for
 from stages.config import OUTPUTS_DIR, ROOT, PipelineError
-from stages.images import load_for_model
+from stages.images import ImageRejected, load_for_model
 
 MANIFEST = OUTPUTS_DIR / "prepare" / "manifest.csv"
-REFERENCE_DRAW_OFFSET = 1_000_000  # keeps epoch draws apart from cached views
 CALIBRATION_IMAGES = 32
+AUTOTUNE = tf.data.AUTOTUNE
+DRAWS = 2**62  # reference-mode draws are random in [0, DRAWS); views are 0..K-1
 
 
 def read_manifest(path: Path = MANIFEST) -> pd.DataFrame:
@@ -39,79 +41,121 @@ def labels(manifest: pd.DataFrame, split: str, classes: tuple[str, ...]) -> np.n
     return np.eye(len(classes), dtype=np.float32)[[index[n] for n in names]]
 
 
+def read_image(path: str, sha256: str, size: int) -> np.ndarray:
+    """Read, check against the manifest's hash, decode and resize one image."""
+    try:
+        data = (ROOT / path).read_bytes()
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot read ({err.strerror})") from err
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise PipelineError(f"{path}: changed since prepare; run dvc repro")
+    try:
+        return load_for_model(data, size)
+    except ImageRejected as err:
+        raise PipelineError(f"{path}: {err}") from err
+
+
+def calibration_images(manifest: pd.DataFrame, size: int) -> np.ndarray:
+    """Training images spread evenly over the manifest, for BatchNorm statistics."""
+    rows = manifest[manifest["split"] == "train"]
+    picks = np.linspace(0, len(rows) - 1, min(CALIBRATION_IMAGES, len(rows)))
+    chosen = rows.iloc[picks.astype(int)]
+    return np.stack([read_image(r.path, r.sha256, size) for r in chosen.itertuples()])
+
+
+def image_batches(
+    items: tf.data.Dataset, size: int, aug: Augmentation, batch_size: int
+) -> tf.data.Dataset:
+    """(images, targets) batches from items {path, sha256, draw, augment, target}.
+
+    Decoding runs in tf.data's threads; each image's transform comes from its
+    (content, draw) key, and the warp runs batched in TensorFlow.
+    """
+
+    def decode(path, sha256, draw, augment):
+        sha = sha256.decode()
+        pixels = read_image(path.decode(), sha, size)
+        transform = transform_for(aug, sha, int(draw), size) if augment else IDENTITY
+        return pixels, transform
+
+    def load(item):
+        pixels, transform = tf.numpy_function(
+            decode,
+            [item["path"], item["sha256"], item["draw"], item["augment"]],
+            [tf.float32, tf.float32],
+        )
+        pixels.set_shape((size, size, 3))
+        transform.set_shape((8,))
+        return pixels, transform, item["target"]
+
+    batches = items.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    batches = batches.batch(batch_size)
+    warped = batches.map(lambda px, tr, y: (apply_transforms(px, tr), y))
+    return warped.prefetch(AUTOTUNE)
+
+
+def split_table(manifest: pd.DataFrame, split: str, classes) -> dict[str, np.ndarray]:
+    """Paths, hashes and one-hot targets of one split, in manifest order."""
+    rows = manifest[manifest["split"] == split]
+    return {
+        "path": rows["path"].to_numpy(str),
+        "sha256": rows["sha256"].to_numpy(str),
+        "target": labels(manifest, split, classes),
+    }
+
+
+def reference_batches(manifest: pd.DataFrame, split: str, s, train: bool):
+    """Images of a split for the reference mode; training ones reshuffled and
+    freshly augmented on every pass over the data."""
+    table = split_table(manifest, split, s.classes)
+    items = tf.data.Dataset.from_tensor_slices(table)
+    augment = train and s.augmentation.enabled
+    if train:
+        items = items.shuffle(
+            len(table["path"]), seed=s.seed, reshuffle_each_iteration=True
+        )
+    if augment:
+        draws = tf.data.Dataset.random(seed=s.seed, rerandomize_each_iteration=True)
+        draws = draws.map(lambda r: tf.math.floormod(r, DRAWS))
+    else:
+        draws = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()
+    items = tf.data.Dataset.zip(items, draws).map(
+        lambda item, draw: {**item, "draw": draw, "augment": augment}
+    )
+    return image_batches(items, s.image_size, s.augmentation, s.batch_size)
+
+
+def view_batches(
+    features: np.ndarray, targets: np.ndarray, batch_size: int, seed: int
+) -> tf.data.Dataset:
+    """Shuffled batches of cached features (views, images, width): each pass
+    draws a fresh random view for every image."""
+    views, count = features.shape[:2]
+    stacked = tf.constant(features)
+    order = tf.data.Dataset.range(count).shuffle(
+        count, seed=seed, reshuffle_each_iteration=True
+    )
+    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    picks = tf.data.Dataset.zip(order, draws.map(lambda r: tf.math.floormod(r, views)))
+    return (
+        picks.batch(batch_size)
+        .map(
+            lambda rows, view: (
+                tf.gather_nd(stacked, tf.stack([view, rows], axis=1)),
+                tf.gather(targets, rows),
+            )
+        )
+        .prefetch(AUTOTUNE)
+    )
+
+
 def view_stack(features: np.ndarray, views: int) -> np.ndarray:
     """Reshape per-(image, view) rows into (views, images, width)."""
     images = len(features) // views
     return features.reshape(images, views, -1).transpose(1, 0, 2)
 
 
-def calibration_images(manifest: pd.DataFrame, size: int) -> np.ndarray:
-    """Training images spread evenly over the manifest, for BatchNorm statistics."""
-    paths = list(manifest.loc[manifest["split"] == "train", "path"])
-    picks = np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths)))
-    return np.stack(
-        [load_for_model((ROOT / paths[int(i)]).read_bytes(), size) for i in picks]
-    )
-
-
-class ViewSampler(keras.utils.PyDataset):
-    """Shuffled batches of cached features, one random view per image per epoch."""
-
-    def __init__(
-        self, features: np.ndarray, targets: np.ndarray, batch_size: int, seed: int
-    ):
-        super().__init__()
-        self.features, self.targets = features, targets
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-        self.on_epoch_end()
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.targets) / self.batch_size)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        return self.features[self.views[rows], rows], self.targets[rows]
-
-    def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.targets))
-        self.views = self.rng.integers(len(self.features), size=len(self.targets))
-
-
-class ImageBatches(keras.utils.PyDataset):
-    """Batches of decoded images of one split; training ones shuffled and
-    freshly augmented every epoch (the reference mode)."""
-
-    def __init__(self, manifest: pd.DataFrame, split: str, settings, augment: bool):
-        super().__init__()
-        rows = manifest[manifest["split"] == split]
-        self.paths, self.shas = list(rows["path"]), list(rows["sha256"])
-        self.targets = labels(manifest, split, settings.classes)
-        self.size, self.batch_size = settings.image_size, settings.batch_size
-        self.aug = settings.augmentation if augment else None
-        self.rng = np.random.default_rng(settings.seed)
-        self.epoch = -1
-        self.on_epoch_end()
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.paths) / self.batch_size)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = np.stack(
-            [
-                load_for_model((ROOT / self.paths[i]).read_bytes(), self.size)
-                for i in rows
-            ]
-        )
-        if self.aug is not None and self.aug.enabled:
-            draw = REFERENCE_DRAW_OFFSET + self.epoch
-            rngs = [rng_for(self.aug, self.shas[i], draw) for i in rows]
-            images = augment_batch(images, self.aug, rngs)
-        return images, self.targets[rows]
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        shuffle = self.aug is not None
-        count = len(self.paths)
-        self.order = self.rng.permutation(count) if shuffle else np.arange(count)
+def pipeline_error(err: tf.errors.OpError) -> PipelineError:
+    """The PipelineError raised inside a tf.data function, out of TF's wrapping."""
+    found = re.search(r"PipelineError: (.*)", err.message)
+    return PipelineError(found.group(1) if found else err.message)

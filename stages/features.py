@@ -23,8 +23,6 @@ import logging
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +31,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from stages.augment import CLEAN_VIEW, Augmentation, augment_batch, rng_for
-from stages.config import ROOT, PipelineError, atomic_path, write_json
-from stages.images import ImageRejected, load_for_model
+from stages import datasets
+from stages.augment import CLEAN_VIEW, Augmentation
+from stages.config import PipelineError, atomic_path, write_json
 from stages.model import FEATURE_SIZE, Backbone
 
 log = logging.getLogger(__name__)
@@ -165,39 +163,17 @@ def extraction_model(backbone: Backbone, precision: str):
     return call
 
 
-def _load_batch(items: list[Item], size: int, aug: Augmentation) -> np.ndarray:
-    images = np.stack([_read(item, size) for item in items])
-    augmented = [i for i, item in enumerate(items) if item.view != CLEAN_VIEW]
-    if augmented:
-        rngs = [rng_for(aug, items[i].sha256, items[i].view_index) for i in augmented]
-        images[augmented] = augment_batch(images[augmented], aug, rngs)
-    return images
-
-
-def _read(item: Item, size: int) -> np.ndarray:
-    path = ROOT / item.path
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise PipelineError(f"{item.path}: cannot read ({err.strerror})") from err
-    if hashlib.sha256(data).hexdigest() != item.sha256:
-        raise PipelineError(f"{item.path}: changed since prepare; run dvc repro")
-    try:
-        return load_for_model(data, size)
-    except ImageRejected as err:
-        raise PipelineError(f"{item.path}: {err}") from err
-
-
-def _batches(items: list[Item], size: int, aug: Augmentation) -> Iterator:
-    """Decoded batches, the next one read in a thread while the base runs."""
-    chunks = [items[i : i + BATCH_SIZE] for i in range(0, len(items), BATCH_SIZE)]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_batch, chunks[0], size, aug) if chunks else None
-        for index, chunk in enumerate(chunks):
-            images = pending.result()
-            if index + 1 < len(chunks):
-                pending = pool.submit(_load_batch, chunks[index + 1], size, aug)
-            yield chunk, images
+def _image_batches(items: list[Item], size: int, aug: Augmentation):
+    """Decoded (and, for augmented views, warped) batches of `items`, in order."""
+    table = {
+        "path": np.array([item.path for item in items]),
+        "sha256": np.array([item.sha256 for item in items]),
+        "draw": np.array([item.view_index for item in items], dtype=np.int64),
+        "augment": np.array([item.view != CLEAN_VIEW for item in items]),
+        "target": np.zeros(len(items), dtype=np.float32),
+    }
+    dataset = tf.data.Dataset.from_tensor_slices(table)
+    return datasets.image_batches(dataset, size, aug, BATCH_SIZE)
 
 
 def extract(
@@ -218,14 +194,19 @@ def extract(
     keys: list[str] = []
     rows: list[np.ndarray] = []
     start = time.perf_counter()
+    done = 0
     with tqdm(total=len(todo), desc=f"extract {label}", unit="img") as bar:
-        for chunk, images in _batches(todo, size, aug):
-            rows.append(call(images).numpy())
-            keys.extend(item.key for item in chunk)
-            bar.update(len(chunk))
-            if len(keys) >= SHARD_SIZE:
-                cache.add(keys, np.concatenate(rows))
-                keys, rows = [], []
+        try:
+            for images, _ in _image_batches(todo, size, aug):
+                rows.append(call(images).numpy())
+                keys.extend(item.key for item in todo[done : done + len(images)])
+                done += len(images)
+                bar.update(len(images))
+                if len(keys) >= SHARD_SIZE:
+                    cache.add(keys, np.concatenate(rows))
+                    keys, rows = [], []
+        except tf.errors.OpError as err:
+            raise datasets.pipeline_error(err) from None
     if keys:
         cache.add(keys, np.concatenate(rows))
     return len(todo) / (time.perf_counter() - start)

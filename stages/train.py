@@ -22,6 +22,7 @@ import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from stages import datasets, tracking
 from stages.augment import Augmentation
@@ -134,7 +135,7 @@ def fit_cached(s: Settings, backbone: Backbone, head, manifest) -> tuple:
     train_x = datasets.view_stack(
         cache.get(splits["train"]), len(s.augmentation.view_names("train"))
     )
-    train = datasets.ViewSampler(
+    train = datasets.view_batches(
         train_x, datasets.labels(manifest, "train", s.classes), s.batch_size, s.seed
     )
     valid = (
@@ -158,13 +159,20 @@ def fit_reference(s: Settings, backbone: Backbone, head, manifest) -> tuple:
     """Train base + head on images, the base recomputed every epoch."""
     model = assemble(backbone.model, head)
     compile_for_training(model, s.learning_rate)
-    train = datasets.ImageBatches(manifest, "train", s, augment=True)
-    valid = datasets.ImageBatches(manifest, "validation", s, augment=False)
+    train = datasets.reference_batches(manifest, "train", s, train=True)
+    valid = datasets.reference_batches(manifest, "validation", s, train=False)
     tracker = BestEpoch(head)
     start = time.perf_counter()
-    model.fit(
-        train, validation_data=valid, epochs=s.epochs, callbacks=[tracker], verbose=2
-    )
+    try:
+        model.fit(
+            train,
+            validation_data=valid,
+            epochs=s.epochs,
+            callbacks=[tracker],
+            verbose=2,
+        )
+    except tf.errors.OpError as err:
+        raise datasets.pipeline_error(err) from None
     return tracker, {"extract_seconds": 0.0, "fit_seconds": time.perf_counter() - start}
 
 

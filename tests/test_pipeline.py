@@ -267,3 +267,74 @@ def test_killed_training_stage_reruns_to_completion(clone, sig, rerun_epochs):
     assert killed[-1].info.status == "KILLED"
     assert runs[-1].info.status == "FINISHED"
     assert "RUNNING" not in {r.info.status for r in runs}
+
+
+def test_stage_logs_to_a_real_tracking_server(clone, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_for(f"{uri}/health", server)
+        run(
+            clone,
+            "python",
+            "-m",
+            "stages.train",
+            "train-150",
+            env=clean_env(MLFLOW_TRACKING_URI=uri),
+        )
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("clothing-classifier")
+        (found,) = client.search_runs([experiment.experiment_id])
+        assert found.data.tags["stage"] == "train-150"
+        assert found.info.status == "FINISHED"
+        assert "best_val_accuracy" in found.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
+        assert {"checkpoint", "accuracy.png", "history.csv"} <= artifacts
+    finally:
+        stop(server)
+
+
+def test_full_disk_fails_clearly_and_keeps_earlier_outputs(clone):
+    outputs = clone / "outputs" / "train-150"
+    before = {p.name: p.read_bytes() for p in outputs.iterdir() if p.is_file()}
+    other = (clone / "outputs/train-299/model.keras").read_bytes()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(outputs)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        _set_150_epochs(clone, 2)
+        done = run(clone, "python", "-m", "stages.train", "train-150", check=False)
+    finally:
+        subprocess.run(["umount", str(outputs)], check=True)
+    assert done.returncode == 1
+    assert "No space left on device" in done.stderr
+    assert "outputs/train-150/model.keras" in done.stderr
+    assert "Traceback" not in done.stderr
+    after = {p.name: p.read_bytes() for p in outputs.iterdir() if p.is_file()}
+    assert after == before
+    assert (clone / "outputs/train-299/model.keras").read_bytes() == other
+    assert stage_runs(clone)["train-150"][-1].info.status == "FAILED"

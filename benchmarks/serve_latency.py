@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import requests
 
-from stages import serving
+from stages import servers, serving
 from stages.config import ROOT, load_params
 from stages.images import load_for_model
 from stages.model import assemble, build_backbone, build_head
@@ -156,8 +156,8 @@ def main() -> None:
         workdir = Path(tmp)
         keras_path = workdir / "model.keras"
         uri = log_model(workdir, keras_path, paths[0])
-        port = serving.free_port()
-        with serving.scoring_server(uri, port, cwd=workdir) as url:
+        port = servers.free_port()
+        with servers.scoring_server(uri, port, cwd=workdir) as url:
             figures = measure(url, keras_path, paths, args)
     figures["latency_ratio"] = (
         figures["served"]["single_p50_ms"] / figures["bare"]["single_p50_ms"]

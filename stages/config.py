@@ -94,3 +94,10 @@ def write_csv(path: Path, frame: Any) -> None:
     """Write a pandas DataFrame as CSV without its index, atomically."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib Figure as PNG, atomically; return the path."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path

@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 
 import keras
-import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from tqdm import tqdm
 
@@ -27,13 +27,11 @@ from stages.config import (
     PipelineError,
     atomic_path,
     load_params,
+    save_figure,
     write_csv,
     write_json,
 )
 from stages.images import load_for_model
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +82,8 @@ def save_confusion(actual, predicted, classes: list[str], out_dir: Path) -> Path
     table.index.name = "actual"
     with atomic_path(out_dir / "confusion_matrix.csv") as tmp:
         table.to_csv(tmp)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -92,11 +91,7 @@ def save_confusion(actual, predicted, classes: list[str], out_dir: Path) -> Path
     for (row, col), count in np.ndenumerate(matrix):
         ax.text(col, row, str(count), ha="center", va="center", fontsize=8)
     fig.tight_layout()
-    figure = out_dir / "confusion_matrix.png"
-    with atomic_path(figure) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return figure
+    return save_figure(fig, out_dir / "confusion_matrix.png")
 
 
 def evaluate(

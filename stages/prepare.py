@@ -25,8 +25,8 @@ from stages.config import (
     OUTPUTS_DIR,
     SPLITS,
     PipelineError,
-    atomic_path,
     load_params,
+    save_figure,
     write_csv,
     write_json,
 )
@@ -416,8 +416,7 @@ def plot_distribution(
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path)
 
 
 def _log_run(result: PrepareResult, out_dir: Path) -> None:

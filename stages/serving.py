@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,59 +351,3 @@ def _predict_valid(
             for r in rejected:
                 failed[rows[r["row"]]] = f"{r['reason']}: {r['detail']}"
     raise RuntimeError("the model rejected rows it had accepted")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def scoring_server(
-    model_uri: str, port: int, cwd: Path | None = None, startup_timeout: float = 180.0
-) -> Iterator[str]:
-    """Run `mlflow models serve` on 127.0.0.1:`port`; yield its base URL.
-
-    The server and the uvicorn process it starts share a new process group,
-    which is stopped on exit, whatever happened inside the block. Run it from a
-    `cwd` outside the project to prove the model carries its own code.
-    """
-    bin_dir = str(Path(sys.executable).parent)  # uvicorn must be on PATH
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    mlflow_cli = str(Path(bin_dir, "mlflow"))
-    command = [mlflow_cli, "models", "serve", "-m", model_uri, "--env-manager"]
-    command += ["local", "-h", "127.0.0.1", "-p", str(port)]
-    process = subprocess.Popen(  # its log goes to our stderr (fd 2), not stdout
-        command, env=env, cwd=cwd, stdout=2, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, process, startup_timeout)
-        yield url
-    finally:
-        _stop_group(process)
-
-
-def _wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the model server exited with {process.returncode}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"the model server at {url} did not answer in {timeout} s")
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, then SIGKILL whatever is left of it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=15)

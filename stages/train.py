@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from matplotlib.figure import Figure
 
 from stages import datasets, tracking
 from stages.augment import Augmentation
@@ -34,6 +34,7 @@ from stages.config import (
     atomic_path,
     home_root,
     load_params,
+    save_figure,
     write_csv,
     write_json,
 )
@@ -45,9 +46,6 @@ from stages.model import (
     build_head,
     compile_for_training,
 )
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +178,13 @@ def save_curves(history: list[dict], out_dir: Path, title: str) -> Path:
     """Write history.csv and the accuracy-curve figure; return the figure."""
     frame = pd.DataFrame(history)
     write_csv(out_dir / "history.csv", frame)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(frame["epoch"], frame["accuracy"], label="train")
     ax.plot(frame["epoch"], frame["val_accuracy"], label="validation")
     ax.set(xlabel="epoch", ylabel="accuracy", title=title)
     ax.legend()
-    figure = out_dir / "accuracy.png"
-    with atomic_path(figure) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return figure
+    return save_figure(fig, out_dir / "accuracy.png")
 
 
 def train(

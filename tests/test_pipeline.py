@@ -19,15 +19,8 @@ import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.pipeline_helpers import (
-    clean_env,
-    free_port,
-    image_b64,
-    make_clone,
-    run,
-    stop,
-    wait_for,
-)
+from stages import servers
+from tests.pipeline_helpers import clean_env, image_b64, make_clone, run
 
 pytestmark = pytest.mark.slow
 
@@ -156,44 +149,19 @@ def test_logged_model_loads_and_predicts(clone, dataset_dir):
 
 def test_mlflow_serve_answers_the_readme_request(clone, dataset_dir):
     run_id = (clone / "outputs/train-299/run_id").read_text().strip()
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"runs:/{run_id}/model",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        cwd=clone,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_for(f"http://127.0.0.1:{port}/ping", server)
+    model_uri = f"runs:/{run_id}/model"
+    port = servers.free_port()
+    with servers.scoring_server(model_uri, port, cwd=clone, env=clean_env()) as url:
         image = sorted((dataset_dir / "test" / "shoes").iterdir())[0]
         body = {"dataframe_split": {"columns": ["image"], "data": [[image_b64(image)]]}}
-        answer = requests.post(
-            f"http://127.0.0.1:{port}/invocations", json=body, timeout=60
-        )
-        assert answer.status_code == 200, answer.text
-        (row,) = answer.json()["predictions"]
-        assert row["label"] in params_of(clone)["base"]["classes"]
-    finally:
-        stop(server)
+        answer = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    (row,) = answer.json()["predictions"]
+    assert row["label"] in params_of(clone)["base"]["classes"]
 
 
 def test_unreachable_tracking_server_fails_before_training(clone):
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{servers.free_port()}"
     env = clean_env(MLFLOW_TRACKING_URI=uri)
     started = time.monotonic()
     done = run(
@@ -270,30 +238,8 @@ def test_killed_training_stage_reruns_to_completion(clone, sig, rerun_epochs):
 
 
 def test_stage_logs_to_a_real_tracking_server(clone, tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        wait_for(f"{uri}/health", server)
+    port = servers.free_port()
+    with servers.tracking_server(tmp_path, port, env=clean_env()) as uri:
         run(
             clone,
             "python",
@@ -310,8 +256,6 @@ def test_stage_logs_to_a_real_tracking_server(clone, tmp_path):
         assert "best_val_accuracy" in found.data.metrics
         artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
         assert {"checkpoint", "accuracy.png", "history.csv"} <= artifacts
-    finally:
-        stop(server)
 
 
 def test_full_disk_fails_clearly_and_keeps_earlier_outputs(clone):

@@ -18,7 +18,7 @@ import requests
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stages import classify, serving
+from stages import classify, servers, serving
 from stages.config import load_params
 from stages.images import load_for_model
 from stages.model import build_backbone, build_head, compile_for_training
@@ -101,7 +101,7 @@ def local_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
 def server(model_uri: str, tmp_path_factory) -> str:
     """Base URL of `mlflow models serve` for the model, run outside the project."""
     cwd = tmp_path_factory.mktemp("server-cwd")
-    with serving.scoring_server(model_uri, serving.free_port(), cwd=cwd) as url:
+    with servers.scoring_server(model_uri, servers.free_port(), cwd=cwd) as url:
         yield url
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,13 +195,17 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
 
 def log_dataset(manifest: Any, context: str) -> None:
     """Record the dataset, with its pinned hash, as an input of the active run."""
-    dataset = mlflow.data.from_pandas(
-        manifest,
-        source=str(ROOT / "data"),
-        name=DATASET_NAME,
-        digest=dataset_hash()[:36],
-    )
-    mlflow.log_input(dataset, context=context)
+    with warnings.catch_warnings():
+        # MLflow hints about integer columns and guesses the source's kind;
+        # neither concerns a manifest of file paths.
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            manifest,
+            source=str(ROOT / "data"),
+            name=DATASET_NAME,
+            digest=dataset_hash()[:36],
+        )
+        mlflow.log_input(dataset, context=context)
 
 
 def run_stage(main: Any) -> None:

@@ -143,7 +143,12 @@ def fit_cached(s: Settings, backbone: Backbone, head, manifest) -> tuple:
     tracker = BestEpoch(head)
     compile_for_training(head, s.learning_rate)
     head.fit(
-        train, validation_data=valid, epochs=s.epochs, callbacks=[tracker], verbose=2
+        train,
+        validation_data=valid,
+        epochs=s.epochs,
+        callbacks=[tracker],
+        verbose=2,
+        shuffle=False,  # the tf.data pipeline shuffles itself
     )
     timings = {
         "extract_seconds": extract_s,
@@ -168,6 +173,7 @@ def fit_reference(s: Settings, backbone: Backbone, head, manifest) -> tuple:
             epochs=s.epochs,
             callbacks=[tracker],
             verbose=2,
+            shuffle=False,  # the tf.data pipeline shuffles itself
         )
     except tf.errors.OpError as err:
         raise datasets.pipeline_error(err) from None

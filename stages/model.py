@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_SIZE = 2048  # Xception's pooled output width
 MIN_IMAGE_SIZE = 71  # the smallest input Xception accepts
+RANDOM_WEIGHTS = "none"  # base.weights for seeded random initialisation
 BATCHNORM_MOMENTUM = 0.99  # Keras' default, restored after calibration
 IMAGENET_HELP = (
     "ImageNet weights could not be loaded ({error}). Either connect to the "
@@ -99,8 +100,13 @@ def _calibrate_batchnorm(xception: keras.Model, images: np.ndarray) -> None:
     log.info("random weights: BatchNormalization calibrated on %d images", len(images))
 
 
+def normalise_weights(value: str | None) -> str:
+    """params' base.weights as a string: `none` (also YAML null) or as given."""
+    return RANDOM_WEIGHTS if value is None else str(value)
+
+
 def _weights_argument(weights: str) -> str | None:
-    if weights in (None, "none", "random"):
+    if weights == RANDOM_WEIGHTS:
         return None
     if weights == "imagenet":
         return "imagenet"

@@ -30,6 +30,7 @@ from stages.config import (
     FINAL_STAGE,
     METRICS_DIR,
     OUTPUTS_DIR,
+    ROOT,
     PipelineError,
     atomic_path,
     home_root,
@@ -40,11 +41,13 @@ from stages.config import (
 )
 from stages.features import FeatureCache, extract, extraction_model, items_for
 from stages.model import (
+    RANDOM_WEIGHTS,
     Backbone,
     assemble,
     build_backbone,
     build_head,
     compile_for_training,
+    normalise_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,7 @@ class Settings:
             batch_size=int(train["batch_size"]),
             precision=train["extract_precision"],
             augmentation=Augmentation.from_params(train["augment"], base["seed"]),
-            weights=str(base["weights"]),
+            weights=normalise_weights(base["weights"]),
             seed=int(base["seed"]),
             classes=tuple(base["classes"]),
         )
@@ -198,7 +201,7 @@ def train(
 ) -> dict:
     """Train at one size; write the best checkpoint, curves and metrics."""
     calibration = None
-    if s.weights in ("none", "random"):
+    if s.weights == RANDOM_WEIGHTS:
         calibration = datasets.calibration_images(manifest, s.image_size)
     backbone = build_backbone(s.image_size, s.weights, s.seed, calibration)
     mlflow.set_tags(
@@ -215,10 +218,9 @@ def train(
     fit = fit_cached if s.mode == "cached" else fit_reference
     tracker, timings = fit(s, backbone, head, manifest)
     head.set_weights(tracker.best_weights)
-    checkpoint = out_dir / "model.keras"
-    with atomic_path(checkpoint) as tmp:
+    with atomic_path(out_dir / "model.keras") as tmp:
         assemble(backbone.model, head).save(tmp)
-    figure = save_curves(tracker.history, out_dir, f"{s.stage} ({s.mode})")
+    save_curves(tracker.history, out_dir, f"{s.stage} ({s.mode})")
     best = tracker.best
     metrics = {
         "best_epoch": best["epoch"],
@@ -228,13 +230,19 @@ def train(
         "epochs": len(tracker.history),
     }
     write_json(metrics_path, metrics)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    mlflow.log_metrics({**metrics, **timings, "peak_rss_mb": peak_mb})
-    mlflow.log_artifact(str(checkpoint), "checkpoint")
-    mlflow.log_artifact(str(figure))
-    mlflow.log_artifact(str(out_dir / "history.csv"))
     log.info("best epoch %d: val_accuracy %.4f", best["epoch"], best["val_accuracy"])
-    return {**metrics, **timings, "peak_rss_mb": peak_mb}
+    return log_results(out_dir, {**metrics, **timings})
+
+
+def log_results(out_dir: Path, figures: dict) -> dict:
+    """Log figures, peak memory, checkpoint, curves and history to MLflow."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures = {**figures, "peak_rss_mb": peak_mb}
+    mlflow.log_metrics(figures)
+    mlflow.log_artifact(str(out_dir / "model.keras"), "checkpoint")
+    mlflow.log_artifact(str(out_dir / "accuracy.png"))
+    mlflow.log_artifact(str(out_dir / "history.csv"))
+    return figures
 
 
 def main() -> None:
@@ -254,7 +262,7 @@ def main() -> None:
 
 def publish(s: Settings, manifest: pd.DataFrame, run_id: str) -> None:
     """Log the final model for serving and write its run id for users."""
-    from stages.config import ROOT
+    # Imported here so that only the final stage depends on the serving code.
     from stages.serving import log_served_model
 
     example = ROOT / manifest[manifest["split"] == "test"].iloc[0]["path"]

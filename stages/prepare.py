@@ -69,6 +69,7 @@ CLASSES = "classes.json"
 REJECTED = "rejected.csv"
 DUPLICATES = "duplicates.csv"
 CHART = "class_distribution.png"
+CLASS_COUNTS = "class_counts.json"  # per split and class: too wide for dvc exp show
 
 
 @dataclass(frozen=True)
@@ -477,7 +478,9 @@ def _write_outputs(
 ) -> None:
     write_csv(out_dir / MANIFEST, result.manifest)
     write_json(out_dir / CLASSES, list(settings.classes))
-    write_json(metrics_path, result.metrics)
+    metrics = dict(result.metrics)
+    write_json(out_dir / CLASS_COUNTS, metrics.pop("kept_per_class"))
+    write_json(metrics_path, metrics)
     sampled = settings.sample_per_class
     title = "images per class and split" + (
         f" (sample of {sampled} per class)" if sampled else ""

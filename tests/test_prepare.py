@@ -167,8 +167,9 @@ def test_metrics_count_every_outcome(prepared: Path) -> None:
     kept = {"train": 30 + 2 + 1, "validation": 30 + 1, "test": 30 + 1 + 1}
     assert metrics["kept"] == {"total": sum(kept.values()), **kept}
     assert metrics["manifest"] == metrics["kept"]
-    assert metrics["kept_per_class"]["train"]["shirt"] == PER_CLASS + 2
-    assert metrics["kept_per_class"]["validation"]["hat"] == PER_CLASS
+    per_class = json.loads((prepared / "prepare" / "class_counts.json").read_text())
+    assert per_class["train"]["shirt"] == PER_CLASS + 2
+    assert per_class["validation"]["hat"] == PER_CLASS
     assert metrics["images_checked"] == 90 + 8 + 2
     assert metrics["files_seen"] == 90 + 8 + 2 + len(DEBRIS) + 1
     assert metrics["rejected"]["total"] == len(REJECTS)

@@ -26,7 +26,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from stages import datasets
 from stages.augment import CLEAN_VIEW, Augmentation
 from stages.config import PipelineError, atomic_path, write_json
-from stages.model import FEATURE_SIZE, Backbone
+from stages.model import FEATURE_SIZE, Backbone, bfloat16_copy
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +144,7 @@ def extraction_model(backbone: Backbone, precision: str):
     """A compiled call of the base in float32 or in bfloat16 mixed precision."""
     model = backbone.model
     if precision == "bfloat16":
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy("mixed_bfloat16")
-        try:
-            model = keras.models.clone_model(backbone.model)
-        finally:
-            keras.config.set_dtype_policy(previous)
-        model.set_weights(backbone.model.get_weights())
+        model = bfloat16_copy(backbone)
     elif precision != "float32":
         raise PipelineError(
             f"train.extract_precision: {precision!r} is not float32 or bfloat16"

@@ -59,15 +59,8 @@ def build_backbone(
         )
     keras.utils.set_random_seed(seed)
     source = _weights_argument(weights)
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1, name="xception_scale")(inputs)
     try:
-        xception = keras.applications.Xception(
-            include_top=False,
-            weights=source,
-            pooling="avg",
-            input_shape=(image_size, image_size, 3),
-        )
+        base, xception = _base(image_size, source)
     except Exception as err:  # Keras raises plain Exception on download errors
         if weights == "imagenet":
             raise PipelineError(IMAGENET_HELP.format(error=err)) from err
@@ -75,10 +68,39 @@ def build_backbone(
     if source is None and calibration is not None:
         _calibrate_batchnorm(xception, scaled_images(calibration))
     xception.trainable = False
-    base = keras.Model(inputs, xception(scaled, training=False), name="base")
     digest = weights_digest(base)
     log.info("backbone: Xception, weights=%s (sha256 %s)", weights, digest[:12])
     return Backbone(base, str(weights), digest)
+
+
+def _base(image_size: int, source: str | None) -> tuple[keras.Model, keras.Model]:
+    """The image-to-features model and the Xception model inside it."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1, name="xception_scale")(inputs)
+    xception = keras.applications.Xception(
+        include_top=False,
+        weights=source,
+        pooling="avg",
+        input_shape=(image_size, image_size, 3),
+    )
+    return keras.Model(inputs, xception(scaled, training=False), name="base"), xception
+
+
+def bfloat16_copy(backbone: Backbone) -> keras.Model:
+    """The same base computing in bfloat16 (weights kept in float32).
+
+    Built afresh under the mixed policy: a clone would keep each layer's
+    float32 policy from its saved config.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model, xception = _base(backbone.model.input_shape[1], None)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    model.set_weights(backbone.model.get_weights())
+    xception.trainable = False
+    return model
 
 
 def scaled_images(images: np.ndarray) -> np.ndarray:

@@ -18,7 +18,13 @@ from stages.augment import CLEAN_VIEW, Augmentation, apply_transforms, transform
 from stages.config import PipelineError, load_params
 from stages.datasets import calibration_images
 from stages.images import load_for_model
-from stages.model import assemble, build_backbone, build_head, compile_for_training
+from stages.model import (
+    assemble,
+    bfloat16_copy,
+    build_backbone,
+    build_head,
+    compile_for_training,
+)
 
 SIZE = 80
 AUG = Augmentation(views=3, shear=10.0, zoom=0.1, vertical_flip=True, seed=7)
@@ -225,3 +231,21 @@ def test_settings_refuse_an_unknown_mode():
     params["train"]["mode"] = "fast"
     with pytest.raises(PipelineError, match="train.mode"):
         train.Settings.from_params("train-150", params)
+
+
+def test_bfloat16_extraction_computes_in_bfloat16_and_stays_close(manifest, backbone):
+    images = calibration_images(manifest, SIZE)[:8]
+    exact = features.extraction_model(backbone, "float32")(images).numpy()
+    mixed_model = bfloat16_copy(backbone)
+    assert {layer.dtype_policy.name for layer in mixed_model.layers[2].layers} == {
+        "mixed_bfloat16"
+    }
+    mixed = features.extraction_model(backbone, "bfloat16")(images).numpy()
+    assert mixed.dtype == np.float32
+    cosine = (
+        (exact * mixed).sum(1)
+        / np.linalg.norm(exact, axis=1)
+        / np.linalg.norm(mixed, axis=1)
+    )
+    assert cosine.min() > 0.99
+    assert np.abs(exact - mixed).max() > 0  # really a different computation

@@ -41,5 +41,5 @@ case "${1:-}" in
   quick) setup; fetch; python -m stages.profile quick ;;
   full) setup; fetch; dvc repro ;;
   test) setup; shift; python -m pytest "$@" ;;
-  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,7p' "$0" >&2; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ from stages.images import ImageRejected, load_for_model
 MANIFEST = OUTPUTS_DIR / "prepare" / "manifest.csv"
 CALIBRATION_IMAGES = 32
 AUTOTUNE = tf.data.AUTOTUNE
+DECODERS = 2  # images decoded at once: decoded pixels stay within about a batch
 DRAWS = 2**62  # reference-mode draws are random in [0, DRAWS); views are 0..K-1
 
 
@@ -88,10 +89,10 @@ def image_batches(
         transform.set_shape((8,))
         return pixels, transform, item["target"]
 
-    batches = items.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    batches = items.map(load, num_parallel_calls=DECODERS, deterministic=True)
     batches = batches.batch(batch_size)
     warped = batches.map(lambda px, tr, y: (apply_transforms(px, tr), y))
-    return warped.prefetch(AUTOTUNE)
+    return warped.prefetch(1)  # the next batch decodes while this one computes
 
 
 def split_table(manifest: pd.DataFrame, split: str, classes) -> dict[str, np.ndarray]:

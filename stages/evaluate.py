@@ -7,6 +7,7 @@ then registers the model and moves the champion alias only on improvement.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def _log_to_mlflow(metrics: dict, out_dir: Path, figure: Path) -> None:
         mlflow.log_artifact(str(out_dir / table))
 
 
+def test_set_digest(manifest: pd.DataFrame) -> str:
+    """Names the images scored, so only scores on the same images are compared."""
+    shas = sorted(manifest.loc[manifest["split"] == "test", "sha256"])
+    return hashlib.sha256("\n".join(shas).encode()).hexdigest()[:16]
+
+
 def main() -> None:
     params = load_params()
     classes = list(params["base"]["classes"])
@@ -160,6 +167,7 @@ def main() -> None:
             metrics["accuracy"],
             settings["registered_model"],
             settings["alias"],
+            test_set_digest(manifest),
         )
 
 

@@ -114,7 +114,11 @@ def test_evaluate_logs_scores_and_promotes_the_model(clone):
     assert {"test_accuracy", "test_loss", "test_macro_f1"} <= set(found.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.csv"} <= artifacts
-    version = client.get_model_version_by_alias("clothing-classifier", "champion")
+    registry = params_of(clone)["evaluate"]
+    version = client.get_model_version_by_alias(
+        registry["registered_model"], registry["alias"]
+    )
+    assert registry["registered_model"] == "clothing-classifier-quick"
     run_id = (clone / "outputs/train-299/run_id").read_text().strip()
     assert version.run_id == run_id
 

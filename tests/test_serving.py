@@ -21,7 +21,7 @@ from PIL import Image
 from stages import classify, servers, serving
 from stages.config import load_params
 from stages.images import load_for_model
-from stages.model import build_backbone, build_head, compile_for_training
+from stages.model import assemble, build_backbone, build_head, compile_for_training
 from stages.registry import promote_if_better
 
 IMAGE_SIZE = 96
@@ -48,23 +48,16 @@ def sample_images(folder: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def train_small_model(dataset: Path) -> keras.Model:
-    """A random-weight base, normalised features, and a head fitted on them.
-
-    Random Xception features are tiny (about 1e-5), so they are standardised
-    first; otherwise every image would get nearly the same probabilities.
-    """
+    """The recipe's model at a small size: a random base whose BatchNorm is
+    calibrated on the sample (as `base.weights: none` does), a head fitted."""
     pixels, labels = sample_images(dataset / "train", PER_CLASS)
-    base = build_backbone(IMAGE_SIZE, "none", SEED).model
-    features = base(pixels, training=False).numpy()
-    norm = keras.layers.Normalization(
-        mean=features.mean(0), variance=features.var(0) + 1e-20, name="feature_norm"
-    )
+    backbone = build_backbone(IMAGE_SIZE, "none", SEED, calibration=pixels)
+    features = backbone.model(pixels, training=False).numpy()
     head = build_head(len(CLASSES), 32, 0.2)
-    on_features = keras.Sequential([keras.Input(features.shape[1:]), norm, head])
-    compile_for_training(on_features, 1e-3)
+    compile_for_training(head, 1e-3)
     onehot = keras.utils.to_categorical(labels, len(CLASSES))
-    on_features.fit(features, onehot, epochs=EPOCHS, batch_size=16, verbose=0)
-    return keras.Model(base.input, on_features(base.output), name="small_classifier")
+    head.fit(features, onehot, epochs=EPOCHS, batch_size=16, verbose=0)
+    return assemble(backbone.model, head)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +349,9 @@ def test_promote_if_better_moves_alias_only_on_improvement(store, model_uri):
     decisions = []
     for accuracy in (0.5, 0.4, 0.7):
         with mlflow.start_run(experiment_id=store) as run:
-            decisions.append(promote_if_better(model_uri, accuracy, name, alias))
+            decisions.append(
+                promote_if_better(model_uri, accuracy, name, alias, "set-a")
+            )
         champion = client.get_model_version_by_alias(name, alias)
         best = max(d["version"] for d in decisions if d["promoted"])
         assert int(champion.version) == best
@@ -372,6 +367,20 @@ def test_promote_if_better_moves_alias_only_on_improvement(store, model_uri):
     assert logged.tags["registry.decision"] == "promoted"
     assert logged.metrics["registry.champion_test_accuracy"] == 0.5
     assert logged.metrics["registry.candidate_test_accuracy"] == 0.7
+
+
+def test_scores_on_another_test_set_do_not_move_the_alias(store, model_uri):
+    name, alias = "clothing-classifier-test-sets", "champion"
+    with mlflow.start_run(experiment_id=store):
+        first = promote_if_better(model_uri, 0.2, name, alias, "small-sample")
+    with mlflow.start_run(experiment_id=store) as run:
+        other = promote_if_better(model_uri, 0.9, name, alias, "full-test-split")
+    assert first["promoted"]
+    assert not other["promoted"] and not other["comparable"]
+    champion = MlflowClient().get_model_version_by_alias(name, alias)
+    assert int(champion.version) == first["version"]
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["registry.decision"] == "kept: not comparable"
 
 
 def test_unexpected_decoder_error_rejects_only_its_row(monkeypatch, test_images):

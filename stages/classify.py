@@ -77,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = mlflow.pyfunc.load_model(args.model)
     except (MlflowException, OSError) as err:
         print(f"cannot load model {args.model}: {err}", file=sys.stderr)
+        print(
+            "run the pipeline first (./run.sh full or dvc repro), or name a "
+            "model with -m runs:/<run id>/model",
+            file=sys.stderr,
+        )
         return 2
     results = predict_files(model, files)
     print(format_table(results))

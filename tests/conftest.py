@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import mlflow
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,3 +26,18 @@ def dataset_dir() -> Path:
 def bad_inputs_dir() -> Path:
     """The shared folder of bad and awkward inputs."""
     return BAD_INPUTS
+
+
+@pytest.fixture(autouse=True)
+def _forget_tracking_uri():
+    """Undo mlflow.set_tracking_uri after each test.
+
+    The stages (and some tests) set MLflow's process-wide URI, which also
+    writes MLFLOW_TRACKING_URI into os.environ; left behind, it would send a
+    later test's runs to an earlier test's store.
+    """
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(None)  # clears the global and the variable
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

@@ -82,6 +82,35 @@ def bare_rate(size: int, weights: str, precision: str, batches: int = 6) -> floa
     return batches * len(images) / (time.perf_counter() - start)
 
 
+def extraction_check(size: int, weights: str, count: int) -> dict:
+    """Extraction of `count` training views against the bare base, back to back."""
+    from stages.augment import Augmentation
+    from stages.features import FeatureCache, extract, extraction_model, items_for
+    from stages.model import build_backbone
+
+    params = load_params()
+    manifest = datasets.read_manifest()
+    aug = Augmentation.from_params(params["train"]["augment"], params["base"]["seed"])
+    images = datasets.calibration_images(manifest, size)
+    backbone = build_backbone(size, weights, 0, images)
+    call = extraction_model(backbone, "float32")
+    call(images)  # trace once, outside both timings
+    items = items_for(manifest, "train", aug)[:count]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = FeatureCache(Path(tmp), backbone, size, "float32").open()
+        extracted = extract(cache, call, items, aug, f"{size}px check")
+    start = time.perf_counter()
+    for _ in range(count // len(images)):
+        call(images).numpy()
+    bare = (count // len(images)) * len(images) / (time.perf_counter() - start)
+    return {
+        "size": size,
+        "extract_images_per_s": extracted,
+        "bare_images_per_s": bare,
+        "ratio": extracted / bare,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="none")
@@ -89,7 +118,17 @@ def main() -> None:
     parser.add_argument("--reference-299-epochs", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--trial", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--extraction-only",
+        type=int,
+        metavar="N",
+        help="only time extraction of N training views against the bare base",
+    )
     args = parser.parse_args()
+    if args.extraction_only:
+        for size in (150, 299):
+            print(extraction_check(size, args.weights, args.extraction_only))
+        return None
     if args.trial:
         stage, mode, epochs, weights = args.trial
         return run_trial(stage, mode, int(epochs), weights)

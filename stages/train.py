@@ -152,40 +152,36 @@ def fit_cached(s: Settings, backbone: Backbone, head, manifest) -> tuple:
         s.seed,
     )
     valid = (valid_x, datasets.labels(manifest, "validation", s.classes))
-    tracker = BestEpoch(head)
-    compile_for_training(head, s.learning_rate)
-    start = time.perf_counter()
-    head.fit(
-        train,
-        validation_data=valid,
-        epochs=s.epochs,
-        callbacks=[tracker],
-        verbose=2,
-        shuffle=False,  # the tf.data pipeline shuffles itself
-    )
-    return tracker, {**timings, "fit_seconds": time.perf_counter() - start}
+    tracker, seconds = fit_keeping_best(head, head, train, valid, s)
+    return tracker, {**timings, "fit_seconds": seconds}
 
 
 def fit_reference(s: Settings, backbone: Backbone, head, manifest) -> tuple:
     """Train base + head on images, the base recomputed every epoch."""
     model = assemble(backbone.model, head)
-    compile_for_training(model, s.learning_rate)
     train = datasets.reference_batches(manifest, "train", s, train=True)
     valid = datasets.reference_batches(manifest, "validation", s, train=False)
-    tracker = BestEpoch(head)
-    start = time.perf_counter()
     try:
-        model.fit(
-            train,
-            validation_data=valid,
-            epochs=s.epochs,
-            callbacks=[tracker],
-            verbose=2,
-            shuffle=False,  # the tf.data pipeline shuffles itself
-        )
+        tracker, seconds = fit_keeping_best(model, head, train, valid, s)
     except tf.errors.OpError as err:
         raise datasets.pipeline_error(err) from None
-    return tracker, {"extract_seconds": 0.0, "fit_seconds": time.perf_counter() - start}
+    return tracker, {"extract_seconds": 0.0, "fit_seconds": seconds}
+
+
+def fit_keeping_best(model, head, train, valid, s: Settings) -> tuple:
+    """Compile and fit `model`, tracking `head`'s best epoch; (tracker, seconds)."""
+    compile_for_training(model, s.learning_rate)
+    tracker = BestEpoch(head)
+    start = time.perf_counter()
+    model.fit(
+        train,
+        validation_data=valid,
+        epochs=s.epochs,
+        callbacks=[tracker],
+        verbose=2,
+        shuffle=False,  # the tf.data pipelines shuffle themselves
+    )
+    return tracker, time.perf_counter() - start
 
 
 def save_curves(history: list[dict], out_dir: Path, title: str) -> Path:

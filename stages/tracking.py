@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "clothing-classifier"
 DATASET_NAME = "clothing-dataset-small"
 PROBE_TIMEOUT_S = 10
+# What DVC writes as the pipeline runs; a change there does not make the code
+# and params that produced a run differ from the commit.
+PIPELINE_OUTPUTS = (":!dvc.lock", ":!metrics", ":!outputs")
 
 
 class StageKilled(KeyboardInterrupt):
@@ -128,7 +131,18 @@ def run_tags(stage: str) -> dict[str, str]:
     tags = {
         "stage": stage,
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
-        "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
+        "git_dirty": str(
+            bool(
+                _git(
+                    "status",
+                    "--porcelain",
+                    "--untracked-files=no",
+                    "--",
+                    ".",
+                    *PIPELINE_OUTPUTS,
+                )
+            )
+        ),
         "dataset_md5": dataset_hash(),
         "host": socket.gethostname(),
         "pid": str(os.getpid()),

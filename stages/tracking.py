@@ -20,7 +20,7 @@ import yaml
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from stages.config import ROOT, PipelineError, home_root
+from stages.config import ROOT, PipelineError, home_root, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,6 @@ def log_dataset(manifest: Any, context: str) -> None:
 
 def run_stage(main: Any) -> None:
     """Run a stage's main; print a PipelineError as one line and exit 1."""
-    from stages.config import setup_logging
-
     setup_logging()
     try:
         main()

@@ -54,6 +54,8 @@ def fetch(
     """
     from dvc.exceptions import DvcException
 
+    if source_dir is not None and not Path(source_dir).is_dir():
+        raise PipelineError(f"--from {source_dir}: no such folder")
     try:
         with _open_repo(root) as repo:
             out = pinned_output(repo)

@@ -259,3 +259,11 @@ def test_team_remote_push_and_pull(
     shutil.rmtree(project / ".dvc" / "cache")
     _dvc(project, "pull")
     _assert_matches_pin(project)
+
+
+def test_a_missing_source_folder_is_an_error_even_when_data_matches(
+    project: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
+    assert _fetch_cli(project, "--from", str(dataset_dir)).returncode == 0
+    with pytest.raises(PipelineError, match="nowhere: no such folder"):
+        fetch.fetch(project, source_dir=tmp_path / "nowhere")

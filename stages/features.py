@@ -74,7 +74,13 @@ class FeatureCache:
         self.entries: dict[str, np.ndarray] = {}
 
     def open(self) -> FeatureCache:
-        """Create the folder if needed and load every intact shard."""
+        """Create the folder if needed and load every intact shard.
+
+        A shard being written is a hidden `.shard-*.tmp.npz` and is never
+        read. One left by a `kill -9` stays on disk: it is not removed here,
+        since another process may be writing it right now; removing those
+        older than a day would lift this.
+        """
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:

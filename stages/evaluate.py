@@ -24,7 +24,6 @@ from stages.config import (
     FINAL_STAGE,
     METRICS_DIR,
     OUTPUTS_DIR,
-    ROOT,
     PipelineError,
     atomic_path,
     load_params,
@@ -32,21 +31,21 @@ from stages.config import (
     write_csv,
     write_json,
 )
-from stages.images import load_for_model
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 32
 
 
-def predict_split(model: keras.Model, paths: list[str]) -> np.ndarray:
-    """Class probabilities for image files, read through the serving decoder."""
+def predict_split(model: keras.Model, rows: pd.DataFrame) -> np.ndarray:
+    """Class probabilities for manifest rows, read through the serving decoder."""
     size = model.input_shape[1]
     probabilities = []
-    for start in tqdm(range(0, len(paths), BATCH_SIZE), desc="evaluate", unit="batch"):
+    for start in tqdm(range(0, len(rows), BATCH_SIZE), desc="evaluate", unit="batch"):
+        chunk = rows.iloc[start : start + BATCH_SIZE]
         batch = [
-            load_for_model((ROOT / p).read_bytes(), size)
-            for p in paths[start : start + BATCH_SIZE]
+            datasets.read_image(row.path, row.sha256, size)
+            for row in chunk.itertuples()
         ]
         logits = model(np.stack(batch), training=False)
         probabilities.append(keras.ops.convert_to_numpy(keras.ops.softmax(logits)))
@@ -109,7 +108,7 @@ def evaluate(
         raise PipelineError(f"cannot load {model_path}: {err}") from err
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     actual = np.array([classes.index(label) for label in test["label"]])
-    probabilities = predict_split(model, list(test["path"]))
+    probabilities = predict_split(model, test)
     predicted = probabilities.argmax(axis=1)
     metrics = score(actual, probabilities, classes)
     predictions = test[["path", "label"]].rename(columns={"label": "actual"})

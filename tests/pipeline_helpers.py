@@ -3,7 +3,6 @@ run in it, and real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import subprocess
@@ -74,7 +73,3 @@ def make_clone(dest: Path) -> Path:
     run(dest, "git", "add", "-A")
     run(dest, "git", "commit", "-q", "-m", "clone for tests")
     return dest
-
-
-def image_b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()

@@ -20,7 +20,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from stages import servers
-from tests.pipeline_helpers import clean_env, image_b64, make_clone, run
+from stages.serving import encode_file
+from tests.pipeline_helpers import clean_env, make_clone, run
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +147,7 @@ def test_logged_model_loads_and_predicts(clone, dataset_dir):
     image = next((dataset_dir / "test" / "pants").iterdir())
     import pandas as pd
 
-    answer = model.predict(pd.DataFrame({"image": [image_b64(image)]}))
+    answer = model.predict(pd.DataFrame({"image": [encode_file(image)]}))
     assert answer["label"].iloc[0] in params_of(clone)["base"]["classes"]
     assert 0 < answer["probability"].iloc[0] <= 1
 
@@ -157,7 +158,9 @@ def test_mlflow_serve_answers_the_readme_request(clone, dataset_dir):
     port = servers.free_port()
     with servers.scoring_server(model_uri, port, cwd=clone, env=clean_env()) as url:
         image = sorted((dataset_dir / "test" / "shoes").iterdir())[0]
-        body = {"dataframe_split": {"columns": ["image"], "data": [[image_b64(image)]]}}
+        body = {
+            "dataframe_split": {"columns": ["image"], "data": [[encode_file(image)]]}
+        }
         answer = requests.post(f"{url}/invocations", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
     (row,) = answer.json()["predictions"]
